@@ -1,0 +1,1 @@
+"""Dense Llama-family decoder: parameters, layers, attention and the forward passes."""
