@@ -85,16 +85,19 @@ def axis_sizes(config: ModelConfig) -> dict[str, int]:
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
     """Return the tree of parameter shapes."""
     sizes = axis_sizes(config)
-    return map_axes(lambda axes: tuple(sizes[a] for a in axes), param_axes(config))
+    return map_tree(lambda axes: tuple(sizes[a] for a in axes), param_axes(config))
 
 
-def map_axes(fn, tree: Any) -> Any:
-    """Apply `fn` to every leaf of a tree whose leaves are tuples of axis names."""
+def map_tree(fn, tree: Any, *others: Any) -> Any:
+    """Apply `fn` leaf by leaf to trees of the parameter structure (nested dicts and lists).
+
+    Unlike `jax.tree.map`, tuples are leaves, so trees of shapes and logical axes work too.
+    """
     if isinstance(tree, dict):
-        return {k: map_axes(fn, v) for k, v in tree.items()}
+        return {k: map_tree(fn, v, *(o[k] for o in others)) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [map_axes(fn, v) for v in tree]
-    return fn(tree)
+        return [map_tree(fn, v, *(o[i] for o in others)) for i, v in enumerate(tree)]
+    return fn(tree, *others)
 
 
 def check_params(config: ModelConfig, params: dict[str, Any]) -> None:
@@ -120,13 +123,29 @@ def check_params(config: ModelConfig, params: dict[str, Any]) -> None:
     walk(expected, params, "")
 
 
-def init_random_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, Any]:
-    """Draw random parameters (normal, std 0.02; norms at one), for tests and benchmarks."""
+def init_random_params(config: ModelConfig, seed: int = 0, dtype=np.float32,
+                       scale: float = 0.02) -> dict[str, Any]:
+    """Draw random parameters for tests and benchmarks.
+
+    Norm weights are one; everything else, biases included, is normal with std `scale`.
+    """
     rng = np.random.default_rng(seed)
+    axes = param_axes(config)
+    sizes = axis_sizes(config)
 
-    def draw(shape: tuple[int, ...]) -> np.ndarray:
-        if len(shape) == 1:
+    def draw(leaf_axes: Axes, name: str) -> np.ndarray:
+        shape = tuple(sizes[a] for a in leaf_axes)
+        if name.endswith("norm"):
             return np.ones(shape, dtype)
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
 
-    return map_axes(draw, param_shapes(config))
+    return map_tree(draw, axes, _leaf_names(axes))
+
+
+def _leaf_names(tree: Any, name: str = "") -> Any:
+    """Return a tree of the same structure whose leaves are their own key names."""
+    if isinstance(tree, dict):
+        return {k: _leaf_names(v, k) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_leaf_names(v, name) for v in tree]
+    return name

@@ -1,0 +1,64 @@
+"""Grouped-query attention: projections, RoPE, masked softmax attention and the output projection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.model.layers import apply_rope, rms_norm
+
+# Constrain(x, logical_axes) -> x places an activation according to the rules table.
+Constrain = Callable[[jax.Array, tuple[str, ...]], jax.Array]
+
+# Finite, so a query whose keys are all masked gets a uniform softmax rather than NaN.
+MASK_VALUE = -1e30
+
+
+def project_qkv(
+    layer: dict[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: ModelConfig,
+    constrain: Constrain,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Project x [b, t, embed] to rotated q [b, t, q_heads, d] and k, v [b, t, kv_heads, d]."""
+    q = jnp.einsum("bte,ehd->bthd", x, layer["wq"])
+    k = jnp.einsum("bte,ehd->bthd", x, layer["wk"])
+    v = jnp.einsum("bte,ehd->bthd", x, layer["wv"])
+    if config.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    if config.qk_norm:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+
+    q = constrain(apply_rope(q, cos, sin), ("batch", "sequence", "q_heads", "head_dim"))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "sequence", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "sequence", "kv_heads", "head_dim"))
+    return q, k, v
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of q [b, t, H, d] over k, v [b, s, K, d], grouping H / K queries per KV head.
+
+    `mask` [b, t, s] is True where a query may attend a key. Scores and softmax are float32.
+    """
+    b, t, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    grouped = q.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, num_heads, head_dim)
+
+
+def project_output(layer: dict[str, Any], attn: jax.Array, config: ModelConfig) -> jax.Array:
+    """Project attention output [b, t, q_heads, d] back to [b, t, embed]."""
+    out = jnp.einsum("bthd,hde->bte", attn, layer["wo"])
+    if config.out_bias:
+        out = out + layer["bo"]
+    return out
