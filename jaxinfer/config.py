@@ -157,9 +157,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama's `attention_bias` adds them to o_proj too.
+            # Qwen2 always has q/k/v biases and never an o_proj bias; in Llama and Qwen3,
+            # `attention_bias` adds biases to all four projections.
             qkv_bias=family == "qwen2" or attention_bias,
-            out_bias=family == "llama" and attention_bias,
+            out_bias=family in ("llama", "qwen3") and attention_bias,
             qk_norm=family == "qwen3",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
