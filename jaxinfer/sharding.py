@@ -174,7 +174,8 @@ def format_placements(rows: list[ArrayPlacement], mesh_shape: dict[str, int]) ->
               "x".join(str(s) for s in r.shape), _format_spec(r.spec)) for r in rows]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     mesh_desc = ", ".join(f"{axis}={size}" for axis, size in mesh_shape.items())
-    out = [f"mesh: {mesh_desc}", "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out = [f"mesh: {mesh_desc}",
+           "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in lines]
     return "\n".join(out)

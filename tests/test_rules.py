@@ -112,7 +112,8 @@ def test_unsupported_option_value():
 
 def test_mesh_mismatching_device_count():
     table = RulesTable.from_string("[mesh]\ntensor = 4\n", name="t4.toml")
-    with pytest.raises(MeshError, match="uses 4 devices but 8 are present; make the axis sizes multiply to 8"):
+    expected = "uses 4 devices but 8 are present; make the axis sizes multiply to 8"
+    with pytest.raises(MeshError, match=expected):
         make_mesh(table.mesh, jax.devices(), where=table.name)
 
 
