@@ -40,3 +40,22 @@ def smollm2_gguf() -> Path:
         return default_gguf_path()
     except RuntimeError as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf: Path):
+    """transformers' own float32 load of the SmolLM2 GGUF: the reference implementation."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf: Path, tmp_path_factory) -> Path:
+    """The SmolLM2 GGUF converted to a jaxinfer checkpoint."""
+    from jaxinfer.checkpoint import save_checkpoint
+    from jaxinfer.convert import load_source
+
+    return save_checkpoint(tmp_path_factory.mktemp("smollm2") / "ckpt", load_source(smollm2_gguf))

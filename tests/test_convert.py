@@ -476,11 +476,10 @@ def test_gguf_garbage_after_magic(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair(smollm2_gguf: Path):
+def smollm2_pair(smollm2_gguf: Path, smollm2_transformers):
     """The default model converted by jaxinfer and loaded by transformers."""
     converted = load_gguf(smollm2_gguf, with_tokenizer=False)
-    reference = transformers_from_gguf(smollm2_gguf)
-    return converted, reference
+    return converted, smollm2_transformers
 
 
 @pytest.mark.slow
