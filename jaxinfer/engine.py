@@ -173,8 +173,8 @@ class Engine:
             seq_len = tokens.shape[1]
             # Padding rows carry slot index == number of slots; mode="drop" discards them.
             for i, (k, v) in enumerate(new_kv):
-                cache["k"][i] = cache["k"][i].at[slots, :seq_len].set(k, mode="drop")
-                cache["v"][i] = cache["v"][i].at[slots, :seq_len].set(v, mode="drop")
+                cache["k"][i] = cache["k"][i].at[slots, :, :seq_len].set(k, mode="drop")
+                cache["v"][i] = cache["v"][i].at[slots, :, :seq_len].set(v, mode="drop")
             first = sample(logits, lengths, temperature, top_k, top_p, seed)
             return cache, first, logits
 

@@ -91,7 +91,7 @@ class ShardingPlan:
         )
 
     def cache_shape(self) -> tuple[int, ...]:
-        return (self.slots, self.cache_len, self.config.num_kv_heads, self.config.head_dim)
+        return (self.slots, self.config.num_kv_heads, self.cache_len, self.config.head_dim)
 
     def cache_sharding(self):
         return self.weights.sharding(self.mesh, CACHE_AXES, self.cache_shape(), "KV cache")

@@ -123,8 +123,8 @@ def test_inspect_json_diffs_tables(tmp_path):
         assert "layers[*].wq" in result.stdout
         listings[table] = {(a["name"], a["phase"]): a["spec"] for a in json.loads(out.read_text())["arrays"]}
     assert listings["tp"][("layers[*].wq", "all")] == [None, "tensor", None]
-    assert listings["tp"][("cache.k[*]", "all")] == [None, None, "tensor", None]
-    assert listings["dp_tp"][("cache.k[*]", "all")] == ["data", None, "tensor", None]
+    assert listings["tp"][("cache.k[*]", "all")] == [None, "tensor", None, None]
+    assert listings["dp_tp"][("cache.k[*]", "all")] == ["data", "tensor", None, None]
     assert listings["dp_tp"][("residual", "decode")] == ["data", None, None]
 
 

@@ -39,26 +39,30 @@ def project_qkv(
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of q [b, t, H, d] over k, v [b, s, K, d], grouping H / K queries per KV head.
+    """Softmax attention of q [b, t, H, d] over k, v [b, K, s, d], grouping H / K queries per KV head.
 
     `mask` [b, t, s] is True where a query may attend a key. Scores and softmax are float32.
     """
     b, t, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    num_kv_heads = k.shape[1]
     grouped = q.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
 
-    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
 
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, num_heads, head_dim)
 
 
 def project_output(layer: dict[str, Any], attn: jax.Array, config: ModelConfig) -> jax.Array:
     """Project attention output [b, t, q_heads, d] back to [b, t, embed]."""
-    out = jnp.einsum("bthd,hde->bte", attn, layer["wo"])
+    # One contraction over heads x head_dim, as a plain matmul: contracting the two axes
+    # separately makes XLA:CPU copy wo into another layout on every call.
+    b, t, num_heads, head_dim = attn.shape
+    wo = layer["wo"].reshape(num_heads * head_dim, -1)
+    out = jnp.einsum("btf,fe->bte", attn.reshape(b, t, num_heads * head_dim), wo)
     if config.out_bias:
         out = out + layer["bo"]
     return out

@@ -1,8 +1,10 @@
 """Forward passes of the decoder: prefill over a padded prompt, and one decode step over the KV cache.
 
-The KV cache is a dict {"k": [layers], "v": [layers]} of [slots, cache_len, kv_heads, head_dim]
-arrays. Prefill returns the new keys and values for the caller to write into the cache; decode
-writes the one new position of every slot itself.
+The KV cache is a dict {"k": [layers], "v": [layers]} of [slots, kv_heads, cache_len, head_dim]
+arrays. Heads come before positions so that attention reads the cache as a batched matmul
+without transposing it, a copy that would cost as much memory traffic as the read. Prefill
+returns the new keys and values for the caller to write into the cache; decode writes the one
+new position of every slot itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model.attention import Constrain, attend, project_output, project_qkv
 from jaxinfer.model.layers import rms_norm, rope_angles, swiglu
 
-CACHE_AXES = ("cache_batch", "cache_sequence", "cache_heads", "head_dim")
+CACHE_AXES = ("cache_batch", "cache_heads", "cache_sequence", "head_dim")
 
 
 def no_constraint(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -59,7 +61,7 @@ def prefill(
     """Run prompts tokens [n, T] (padded after `lengths`) from position 0.
 
     Returns the logits of each prompt's last real token [n, vocab] and, per layer, the keys and
-    values [n, T, kv_heads, head_dim]. Padding positions get keys and values too; decode masks
+    values [n, kv_heads, T, head_dim]. Padding positions get keys and values too; decode masks
     them until it overwrites them.
     """
     n, seq_len = tokens.shape
@@ -74,6 +76,7 @@ def prefill(
         with jax.named_scope("attention"):
             h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
             q, k, v = project_qkv(layer, h, cos, sin, config, constrain)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             attn = attend(q, k, v, mask)
             x = constrain(x + project_output(layer, attn, config), ("batch", "sequence", "embed"))
         x = mlp_block(layer, x, config, constrain)
@@ -97,7 +100,7 @@ def decode(
     Each slot writes its key and value at its position, then attends positions 0..position.
     """
     batch = tokens.shape[0]
-    cache_len = cache["k"][0].shape[1]
+    cache_len = cache["k"][0].shape[2]
     cos, sin = rope_angles(inv_freq, positions[:, None])
     mask = (jnp.arange(cache_len)[None, :] <= positions[:, None])[:, None, :]
     slots = jnp.arange(batch)
@@ -108,8 +111,8 @@ def decode(
         with jax.named_scope("attention"):
             h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
             q, k, v = project_qkv(layer, h, cos, sin, config, constrain)
-            cache_k = constrain(cache_k.at[slots, positions].set(k[:, 0]), CACHE_AXES)
-            cache_v = constrain(cache_v.at[slots, positions].set(v[:, 0]), CACHE_AXES)
+            cache_k = constrain(cache_k.at[slots, :, positions].set(k[:, 0]), CACHE_AXES)
+            cache_v = constrain(cache_v.at[slots, :, positions].set(v[:, 0]), CACHE_AXES)
             attn = attend(q, cache_k, cache_v, mask)
             x = constrain(x + project_output(layer, attn, config), ("batch", "sequence", "embed"))
         x = mlp_block(layer, x, config, constrain)
