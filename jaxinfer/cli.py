@@ -1,4 +1,4 @@
-"""Command-line interface: jaxinfer generate | convert | inspect.
+"""Command-line interface: jaxinfer generate | batch | bench | convert | inspect.
 
 JAX is imported only after the rules table is read, because the number of simulated CPU
 devices (an XLA flag) must be set before JAX initialises and follows from the table's mesh.
@@ -74,29 +74,50 @@ def build_parser() -> argparse.ArgumentParser:
     model_args.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                             help="dtype of weights and KV cache (default: float32)")
 
-    gen = sub.add_parser("generate", parents=[common, model_args], help="complete prompts")
+    request_args = argparse.ArgumentParser(add_help=False)
+    request_args.add_argument("--temperature", type=float, default=0.0,
+                              help="sampling temperature; 0 decodes greedily (default: 0)")
+    request_args.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest "
+                              "tokens; 0 disables the cut (default: 0)")
+    request_args.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set "
+                              "of tokens whose probability reaches p; 1 disables the cut (default: 1)")
+    request_args.add_argument("--seed", type=int, default=0,
+                              help="random seed for sampling (default: 0)")
+    request_args.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                              help="stop when the output contains TEXT (repeatable)")
+    request_args.add_argument("--chat", action="store_true", help="wrap each prompt in the "
+                              "checkpoint's chat template as a user message")
+    request_args.add_argument("--max-seq-len", type=int,
+                              help="KV cache positions per slot (default: the longest prompt plus "
+                              "--max-new-tokens, rounded up to a power of two)")
+    request_args.add_argument("--steps-per-call", type=int, default=8,
+                              help="decode steps per host call (default: 8)")
+
+    gen = sub.add_parser("generate", parents=[common, model_args, request_args],
+                         help="complete prompts")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
     gen.add_argument("--max-new-tokens", type=int, default=64,
                      help="tokens to generate per prompt at most (default: 64)")
-    gen.add_argument("--temperature", type=float, default=0.0,
-                     help="sampling temperature; 0 decodes greedily (default: 0)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 "
-                     "disables the cut (default: 0)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of "
-                     "tokens whose probability reaches p; 1 disables the cut (default: 1)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                     help="stop when the output contains TEXT (repeatable)")
-    gen.add_argument("--chat", action="store_true",
-                     help="wrap each prompt in the checkpoint's chat template as a user message")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per prompt instead of text")
-    gen.add_argument("--max-seq-len", type=int,
-                     help="KV cache positions per slot (default: the longest prompt plus "
-                     "--max-new-tokens, rounded up to a power of two)")
-    gen.add_argument("--steps-per-call", type=int, default=8,
-                     help="decode steps per host call (default: 8)")
     gen.set_defaults(run=run_generate)
+
+    batch = sub.add_parser(
+        "batch", parents=[common, model_args, request_args],
+        help="run a JSONL file of requests with continuous batching, resumably",
+        description="Run every request of INPUT (JSONL: a 'prompt' or 'messages' field, optional "
+        "'id', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop') and append "
+        "one JSON result per request to OUTPUT as soon as it finishes. Run again with the same "
+        "OUTPUT to resume: requests whose id is already there are skipped.")
+    batch.add_argument("input", help="JSONL file of requests")
+    batch.add_argument("output", help="JSONL file the results are appended to")
+    batch.add_argument("--slots", type=int, default=8,
+                       help="requests decoded together (default: 8)")
+    batch.add_argument("--max-new-tokens", type=int, default=256,
+                       help="default token limit for requests that set none (default: 256)")
+    batch.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    batch.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
+    batch.set_defaults(run=run_batch)
 
     conv = sub.add_parser("convert", parents=[common], help="convert a checkpoint to Orbax")
     conv.add_argument("source", help="HF directory, .gguf file or llama2.c .bin file")
@@ -215,6 +236,47 @@ def _print_summary(results, wall: float, load_s: float, compile_s: float, engine
     print(f"--- {tokens} tokens in {wall:.2f} s: TTFT {1000 * ttft:.1f} ms, TTIT {ttit}, "
           f"{tokens / wall:.1f} tokens/s | mesh {mesh} ({engine.table.name}), "
           f"load {load_s:.1f} s, compile {compile_s:.1f} s", file=file)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from jaxinfer import batch
+    from jaxinfer.checkpoint import read_checkpoint_info
+    from jaxinfer.load import build_engine, resolve_checkpoint
+
+    input_path, output_path = Path(args.input), Path(args.output)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input file {str(input_path)!r} not found")
+    defaults = batch.JobDefaults(args.max_new_tokens, _sampling(args), tuple(args.stop), args.chat)
+    table, devices = _table_and_devices(args)
+    checkpoint = resolve_checkpoint(args.model, args.tokenizer)
+    info = read_checkpoint_info(checkpoint)
+    tokenizer = info.load_tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {checkpoint} has no tokenizer; convert it with --tokenizer")
+
+    done = batch.finished_ids(output_path)
+    jobs, malformed = batch.read_requests(input_path, tokenizer, defaults,
+                                          report=lambda message: print(message, file=sys.stderr))
+    todo = [job for job in jobs if batch.id_key(job.id) not in done]
+    summary = batch.JobSummary(total=len(jobs), skipped_done=len(jobs) - len(todo), malformed=malformed)
+
+    engine = None
+    if any(job.request is not None for job in todo):
+        cache_len = batch.cache_length_for(todo, info.config.max_seq_len, args.max_seq_len)
+        engine = build_engine(checkpoint, table, dtype=args.dtype, devices=devices, slots=args.slots,
+                              cache_len=cache_len, steps_per_call=args.steps_per_call)
+        compile_s = engine.warmup(len(job.request.prompt_ids) for job in todo
+                                  if job.request is not None)
+        logger.info("compiled in %.1f s", compile_s)
+
+    with batch.ResultWriter(output_path) as writer, batch.ProgressBar(
+            total=len(jobs), done=summary.skipped_done, enabled=not args.no_progress) as bar:
+        batch.run_job(engine, todo, writer, summary, bar.update)
+
+    print(summary.format())
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
