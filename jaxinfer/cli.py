@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
     batch.set_defaults(run=run_batch)
 
+    bench = sub.add_parser("bench", parents=[common, model_args],
+                           help="measure TTFT, TTIT and tokens/s of a model under a rules table")
+    bench.add_argument("--prompt-lengths", type=_int_list, default=(16, 128, 512),
+                       help="prompt lengths for TTFT, comma-separated (default: 16,128,512)")
+    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32),
+                       help="decode batch sizes, comma-separated (default: 1,8,32)")
+    bench.add_argument("--decode-tokens", type=int, default=64,
+                       help="tokens decoded per request after the first (default: 64)")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="timed runs per figure, after one untimed run (default: 5)")
+    bench.add_argument("--steps-per-call", type=int, default=8,
+                       help="decode steps per host call (default: 8)")
+    bench.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    bench.set_defaults(run=run_bench)
+
     conv = sub.add_parser("convert", parents=[common], help="convert a checkpoint to Orbax")
     conv.add_argument("source", help="HF directory, .gguf file or llama2.c .bin file")
     conv.add_argument("output", help="new directory for the jaxinfer checkpoint")
@@ -276,6 +291,39 @@ def run_batch(args: argparse.Namespace) -> int:
     print(summary.format())
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from jaxinfer.bench import BenchSettings, format_report, run_benchmark
+    from jaxinfer.checkpoint import read_checkpoint_info
+    from jaxinfer.load import build_engine, resolve_checkpoint
+
+    settings = BenchSettings(prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes,
+                             decode_tokens=args.decode_tokens, repeats=args.repeats,
+                             steps_per_call=args.steps_per_call)
+    table, devices = _table_and_devices(args)
+    checkpoint = resolve_checkpoint(args.model, args.tokenizer)
+    config = read_checkpoint_info(checkpoint).config
+
+    def make_engine(slots: int, cache_len: int):
+        return build_engine(checkpoint, table, dtype=args.dtype, devices=devices, slots=slots,
+                            cache_len=min(cache_len, config.max_seq_len),
+                            steps_per_call=args.steps_per_call)
+
+    report = run_benchmark(make_engine, config, settings)
+    report["model"] = {"checkpoint": str(checkpoint), "parameters": config.num_params(), "dtype": args.dtype}
+    report["rules"] = table.name
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

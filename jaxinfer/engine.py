@@ -47,6 +47,7 @@ class Request:
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     id: Any = None
+    ignore_eos: bool = False  # generate max_new_tokens even past EOS, as benchmarks do
 
 
 @dataclasses.dataclass
@@ -363,7 +364,7 @@ class Engine:
             state.tokens.append(token)
             if logits is not None:
                 state.logits.append(logits[i])
-            if token in eos_ids:
+            if token in eos_ids and not request.ignore_eos:
                 state.finish_reason = "stop"
                 break
             if len(state.tokens) >= request.max_new_tokens:

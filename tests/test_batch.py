@@ -85,7 +85,8 @@ def test_request_longer_than_context(engine, tmp_path):
 
 
 def test_invalid_settings_become_error_records(engine, tmp_path):
-    records = [{"id": "t", "prompt": "Lily", "temperature": -1}, {"id": "m", "prompt": "Lily", "max_new_tokens": 0},
+    records = [{"id": "t", "prompt": "Lily", "temperature": -1},
+               {"id": "m", "prompt": "Lily", "max_new_tokens": 0},
                {"id": "chat", "messages": [{"role": "user", "content": "hi"}]}]
     jobs, _, _ = job_requests(engine, records, tmp_path)
     results, _ = run(engine, jobs, tmp_path)
