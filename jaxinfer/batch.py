@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import next_power_of_two
-from jaxinfer.engine import Request, RequestError, Result
+from jaxinfer.engine import Request, RequestError
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import Tokenizer
 
@@ -289,20 +289,6 @@ class ProgressBar:
         self._bar.close()
 
 
-def result_record(result: Result) -> dict[str, Any]:
-    return {
-        "id": result.request.id,
-        "text": result.text,
-        "token_ids": result.token_ids,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.num_prompt_tokens,
-        "generated_tokens": len(result.token_ids),
-        "ttft_s": round(result.ttft_s, 6),
-        "ttit_s": None if result.ttit_s is None else round(result.ttit_s, 6),
-        "queue_s": round(result.queue_s, 6),
-    }
-
-
 def error_record(job: JobRequest, message: str) -> dict[str, Any]:
     return {"id": job.id, "finish_reason": "error", "error": message, "line": job.line}
 
@@ -344,7 +330,7 @@ def run_job(engine, jobs: Iterable[JobRequest], writer: ResultWriter, summary: J
 
     start = time.perf_counter()
     for result in engine.generate(runnable) if runnable else ():
-        writer.write(result_record(result))
+        writer.write(result.to_record())
         summary.completed += 1
         summary.prompt_tokens += result.num_prompt_tokens
         summary.generated_tokens += len(result.token_ids)

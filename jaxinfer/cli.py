@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from jaxinfer.mesh import device_count_for, ensure_host_devices, parse_mesh_spec
 
@@ -169,6 +168,20 @@ def _table_and_devices(args: argparse.Namespace):
     return table, jax.devices()
 
 
+def _load_model(args: argparse.Namespace):
+    """Load the table, size the devices, resolve the checkpoint and its tokenizer."""
+    from jaxinfer.checkpoint import read_checkpoint_info
+    from jaxinfer.load import resolve_checkpoint
+
+    table, devices = _table_and_devices(args)
+    checkpoint = resolve_checkpoint(args.model, args.tokenizer)
+    info = read_checkpoint_info(checkpoint)
+    tokenizer = info.load_tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {checkpoint} has no tokenizer; convert it with --tokenizer")
+    return table, devices, info, tokenizer
+
+
 def _sampling(args: argparse.Namespace):
     from jaxinfer.sampling import SamplingParams
 
@@ -179,20 +192,13 @@ def _sampling(args: argparse.Namespace):
 def run_generate(args: argparse.Namespace) -> int:
     from jaxinfer.config import next_power_of_two
     from jaxinfer.engine import Request
-    from jaxinfer.load import build_engine, resolve_checkpoint
+    from jaxinfer.load import build_engine
 
     sampling = _sampling(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid; use an integer >= 1")
-    table, devices = _table_and_devices(args)
-    checkpoint = resolve_checkpoint(args.model, args.tokenizer)
-
-    from jaxinfer.checkpoint import read_checkpoint_info
-
-    info = read_checkpoint_info(checkpoint)
-    tokenizer = info.load_tokenizer()
-    if tokenizer is None:
-        raise ValueError(f"checkpoint {checkpoint} has no tokenizer; convert it with --tokenizer")
+    table, devices, info, tokenizer = _load_model(args)
+    checkpoint = info.directory
     prompt_ids = [_encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompts]
 
     longest = max(len(ids) for ids in prompt_ids) + args.max_new_tokens
@@ -214,7 +220,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     for prompt, result in zip(args.prompts, results, strict=True):
         if args.json:
-            print(json.dumps(_result_record(prompt, result)), flush=True)
+            print(json.dumps({"prompt": prompt, **result.to_record()}), flush=True)
         else:
             print(result.text if len(results) == 1 else f"[{result.request.id}] {result.text}")
     _print_summary(results, wall, load_s, compile_s, engine, file=sys.stderr if args.json
@@ -226,20 +232,6 @@ def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     if not chat:
         return tokenizer.encode(prompt)
     return tokenizer.encode_chat([{"role": "user", "content": prompt}])
-
-
-def _result_record(prompt: str, result) -> dict[str, Any]:
-    return {
-        "prompt": prompt,
-        "text": result.text,
-        "token_ids": result.token_ids,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.num_prompt_tokens,
-        "generated_tokens": len(result.token_ids),
-        "ttft_s": round(result.ttft_s, 6),
-        "ttit_s": None if result.ttit_s is None else round(result.ttit_s, 6),
-        "queue_s": round(result.queue_s, 6),
-    }
 
 
 def _print_summary(results, wall: float, load_s: float, compile_s: float, engine, file) -> None:
@@ -255,19 +247,14 @@ def _print_summary(results, wall: float, load_s: float, compile_s: float, engine
 
 def run_batch(args: argparse.Namespace) -> int:
     from jaxinfer import batch
-    from jaxinfer.checkpoint import read_checkpoint_info
-    from jaxinfer.load import build_engine, resolve_checkpoint
+    from jaxinfer.load import build_engine
 
     input_path, output_path = Path(args.input), Path(args.output)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file {str(input_path)!r} not found")
     defaults = batch.JobDefaults(args.max_new_tokens, _sampling(args), tuple(args.stop), args.chat)
-    table, devices = _table_and_devices(args)
-    checkpoint = resolve_checkpoint(args.model, args.tokenizer)
-    info = read_checkpoint_info(checkpoint)
-    tokenizer = info.load_tokenizer()
-    if tokenizer is None:
-        raise ValueError(f"checkpoint {checkpoint} has no tokenizer; convert it with --tokenizer")
+    table, devices, info, tokenizer = _load_model(args)
+    checkpoint = info.directory
 
     done = batch.finished_ids(output_path)
     jobs, malformed = batch.read_requests(input_path, tokenizer, defaults,

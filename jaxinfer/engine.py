@@ -71,6 +71,20 @@ class Result:
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_ids)
 
+    def to_record(self) -> dict[str, Any]:
+        """Return the JSON-ready fields that `generate --json` and batch jobs write."""
+        return {
+            "id": self.request.id,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generated_tokens": len(self.token_ids),
+            "ttft_s": round(self.ttft_s, 6),
+            "ttit_s": None if self.ttit_s is None else round(self.ttit_s, 6),
+            "queue_s": round(self.queue_s, 6),
+        }
+
 
 @dataclasses.dataclass
 class _Active:
