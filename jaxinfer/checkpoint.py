@@ -16,12 +16,13 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import DTYPES, ModelConfig
 from jaxinfer.convert import CheckpointError, ConvertedModel
 from jaxinfer.model.params import check_params, map_tree, param_shapes
 from jaxinfer.tokenizer import Tokenizer, load_tokenizer
@@ -30,12 +31,11 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = "jaxinfer.json"
 FORMAT_VERSION = 1
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
 class CheckpointInfo:
-    """What `jaxinfer.json` records about a converted checkpoint."""
+    """Metadata of a converted checkpoint, as recorded in `jaxinfer.json`."""
 
     directory: Path
     config: ModelConfig
@@ -54,7 +54,11 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def save_checkpoint(directory: str | Path, model: ConvertedModel, dtype: str = "float32") -> Path:
-    """Write `model` as an Orbax checkpoint in `directory`, which must not hold one already."""
+    """Write `model` as an Orbax checkpoint in `directory`, which must not exist or be empty.
+
+    Everything is written to a hidden staging directory beside it and renamed into place at
+    the end, so an interrupted conversion never leaves a half-written checkpoint.
+    """
     directory = Path(directory).absolute()
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -62,12 +66,25 @@ def save_checkpoint(directory: str | Path, model: ConvertedModel, dtype: str = "
         raise FileExistsError(f"{directory} is not empty; choose a new output directory")
     check_params(model.config, model.params)
 
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-partial-", dir=directory.parent))
+    try:
+        _write_checkpoint(staging, model, dtype)
+        if directory.exists():
+            directory.rmdir()  # empty, as checked above
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved %s checkpoint of %s to %s", dtype, model.source, directory)
+    return directory
+
+
+def _write_checkpoint(directory: Path, model: ConvertedModel, dtype: str) -> None:
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
     np_dtype = np.dtype(jnp.dtype(dtype))
     params = map_tree(lambda a: np.asarray(a, dtype=np_dtype), model.params)
-    directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "params", params)
         checkpointer.wait_until_finished()
@@ -81,14 +98,19 @@ def save_checkpoint(directory: str | Path, model: ConvertedModel, dtype: str = "
         "dtype": dtype,
     }
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    logger.info("saved %s checkpoint of %s to %s", dtype, model.source, directory)
-    return directory
 
 
 def read_checkpoint_info(directory: str | Path) -> CheckpointInfo:
     """Read and check `jaxinfer.json` of a converted checkpoint."""
     directory = Path(directory).absolute()
     path = directory / METADATA_FILE
+    if not directory.exists():
+        raise FileNotFoundError(f"checkpoint {directory} not found")
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory} is a file, not a jaxinfer checkpoint directory; convert it first with "
+            "`jaxinfer convert`, or pass it to `jaxinfer generate --model`, which converts it"
+        )
     if not path.exists():
         raise CheckpointError(
             f"{directory} is not a jaxinfer checkpoint ({METADATA_FILE} is missing; the conversion "
@@ -111,7 +133,7 @@ def read_checkpoint_info(directory: str | Path) -> CheckpointInfo:
 def restore_params(info: CheckpointInfo, shardings: dict[str, Any], dtype: str) -> dict[str, Any]:
     """Restore the parameters, each array read directly into its sharding and cast to `dtype`.
 
-    Orbax reads only the slices each device owns, so no device ever holds a full replicated
+    Orbax reads only the slices each device owns, so no device ever stores a full replicated
     copy of a sharded array.
     """
     import jax
@@ -187,26 +209,43 @@ def _lookup(tree: Any, dotted: str) -> Any:
     return node
 
 
-def converted_cache_dir(source: Path, cache_root: Path) -> Path:
-    """Return the cache directory for the conversion of `source`, keyed by its path, size and mtime."""
-    stat = source.stat()
-    key = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+def converted_cache_dir(source: Path, cache_root: Path, tokenizer: Path | None = None) -> Path:
+    """Return the cache directory for the conversion of `source` with `tokenizer`.
+
+    The key covers the path, size and modification time of every file the conversion reads,
+    so editing a file of a HF directory, or passing another tokenizer, converts again.
+    """
+    inputs = [source, *(sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [])]
+    if tokenizer is not None:
+        inputs.append(tokenizer)
+    parts = []
+    for path in inputs:
+        stat = path.stat()
+        parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
     return cache_root / "checkpoints" / f"{source.stem}-{digest}"
 
 
 def ensure_converted(source: Path, cache_root: Path, tokenizer_path: Path | None = None) -> Path:
-    """Convert a foreign checkpoint once into the cache and return the Orbax checkpoint directory."""
+    """Convert a foreign checkpoint once into the cache and return the Orbax checkpoint directory.
+
+    Two processes converting the same model at once both end up with the same complete
+    checkpoint: the one that finishes second finds it in place and discards its own.
+    """
     from jaxinfer.convert import load_source
 
-    target = converted_cache_dir(source, cache_root)
+    target = converted_cache_dir(source, cache_root, tokenizer_path)
     if is_checkpoint(target):
         return target
     if target.exists():
-        logger.info("removing the interrupted conversion in %s", target)
-        shutil.rmtree(target)
+        shutil.rmtree(target, ignore_errors=True)  # left by an interrupted older conversion
     logger.info("converting %s into %s", source, target)
-    save_checkpoint(target, load_source(source, tokenizer_path))
+    model = load_source(source, tokenizer_path)
+    try:
+        save_checkpoint(target, model)
+    except (FileExistsError, OSError):
+        if not is_checkpoint(target):
+            raise
     return target
 
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         # Orbax logs routine warnings through absl, and aborted reads of a corrupt checkpoint
-        # through asyncio; the error line printed below says what went wrong.
+        # through asyncio; the error line printed below reports the failure.
         for name in ("absl", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
@@ -182,6 +182,11 @@ def _load_model(args: argparse.Namespace):
     return table, devices, info, tokenizer
 
 
+def _check_max_seq_len(args: argparse.Namespace) -> None:
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len={args.max_seq_len} is invalid; use an integer >= 1")
+
+
 def _sampling(args: argparse.Namespace):
     from jaxinfer.sampling import SamplingParams
 
@@ -197,9 +202,12 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid; use an integer >= 1")
+    _check_max_seq_len(args)
     table, devices, info, tokenizer = _load_model(args)
     checkpoint = info.directory
-    prompt_ids = [_encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompts]
+    # Undecodable bytes in argv arrive as surrogates, which tokenizers cannot encode.
+    prompts = [p.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for p in args.prompts]
+    prompt_ids = [_encode_prompt(tokenizer, prompt, args.chat) for prompt in prompts]
 
     longest = max(len(ids) for ids in prompt_ids) + args.max_new_tokens
     cache_len = args.max_seq_len or min(next_power_of_two(longest), info.config.max_seq_len)
@@ -218,7 +226,7 @@ def run_generate(args: argparse.Namespace) -> int:
     results = sorted(engine.generate(requests), key=lambda r: r.request.id)
     wall = time.perf_counter() - start
 
-    for prompt, result in zip(args.prompts, results, strict=True):
+    for prompt, result in zip(prompts, results, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, **result.to_record()}), flush=True)
         else:
@@ -253,6 +261,7 @@ def run_batch(args: argparse.Namespace) -> int:
     if not input_path.is_file():
         raise FileNotFoundError(f"input file {str(input_path)!r} not found")
     defaults = batch.JobDefaults(args.max_new_tokens, _sampling(args), tuple(args.stop), args.chat)
+    _check_max_seq_len(args)
     table, devices, info, tokenizer = _load_model(args)
     checkpoint = info.directory
 
@@ -334,7 +343,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     table, devices = _table_and_devices(args)
     if args.config:
-        config = ModelConfig.from_hf_config(json.loads(Path(args.config).read_text()))
+        try:
+            hf_config = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config {args.config} is not valid JSON ({error}); pass a HF "
+                             "config.json") from None
+        config = ModelConfig.from_hf_config(hf_config)
     else:
         from jaxinfer.checkpoint import read_checkpoint_info
         from jaxinfer.load import resolve_checkpoint

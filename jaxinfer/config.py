@@ -10,6 +10,9 @@ from typing import Any
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 
+# Dtypes weights and the KV cache can be stored and run in.
+DTYPES = ("float32", "bfloat16", "float16")
+
 # HF `model_type` and GGUF `general.architecture` values that map to a supported family.
 _HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -139,6 +142,11 @@ class ModelConfig:
                 f"sliding_window={hf.get('sliding_window')!r}"
             )
 
+        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads") if key not in hf]
+        if missing:
+            raise ValueError(f"the HF config of model_type {model_type!r} is missing {', '.join(missing)}; "
+                             "is it the model's config.json?")
         rope_theta, rope_scaling = _hf_rope(hf)
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig, next_power_of_two
+from jaxinfer.config import DTYPES, ModelConfig, next_power_of_two
 from jaxinfer.mesh import make_mesh
 from jaxinfer.model import transformer
 from jaxinfer.model.layers import rope_frequencies
@@ -132,11 +132,16 @@ class Engine:
         self.tokenizer = tokenizer
         self.table = table
         self.mesh = mesh if mesh is not None else make_mesh(table.mesh, devices, where=table.name)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for name, value in (("slots", slots), ("steps_per_call", steps_per_call)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid; use an integer >= 1")
+        if cache_len is not None and (not isinstance(cache_len, int) or cache_len < 1):
+            raise ValueError(f"cache_len={cache_len!r} is invalid; use an integer >= 1 (--max-seq-len)")
         self.dtype = jnp.dtype(dtype)
         self.steps_per_call = steps_per_call
         self.return_logits = return_logits
-        if steps_per_call < 1:
-            raise ValueError(f"steps_per_call={steps_per_call} must be at least 1")
 
         cache_len = cache_len or config.max_seq_len
         if cache_len > config.max_seq_len:
@@ -241,6 +246,8 @@ class Engine:
     def check_request(self, request: Request) -> None:
         """Raise RequestError when the request cannot run on this engine."""
         prompt_len = len(request.prompt_ids)
+        if not all(isinstance(t, int | np.integer) for t in request.prompt_ids):
+            raise RequestError("prompt_ids must be integers (token ids)")
         if prompt_len == 0:
             raise RequestError("the prompt is empty; give at least one token")
         if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
@@ -259,6 +266,8 @@ class Engine:
         if any(t < 0 or t >= self.config.vocab_size for t in request.prompt_ids):
             raise RequestError(f"prompt contains token ids outside the vocabulary of "
                                f"{self.config.vocab_size}")
+        if isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop):
+            raise RequestError(f"stop={request.stop!r} is invalid; use a tuple of non-empty strings")
         if request.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; the engine has none")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxinfer.checkpoint import ensure_converted, is_checkpoint, read_checkpoint_info, restore_params
+from jaxinfer.convert import CheckpointError
 from jaxinfer.default_model import cache_dir, default_gguf_path
 from jaxinfer.rules import RulesTable, load_rules
 
@@ -30,10 +31,16 @@ def resolve_checkpoint(model: str | Path | None, tokenizer: str | Path | None = 
                                 "directory, a .gguf file or a llama2.c .bin file")
     if is_checkpoint(path):
         return path
+    if (path / "params").is_dir():
+        raise CheckpointError(
+            f"{path} contains an incomplete jaxinfer checkpoint (params/ without jaxinfer.json), left "
+            "by an interrupted conversion; delete it and convert the model again"
+        )
     return ensure_converted(path, cache_dir(), Path(tokenizer) if tokenizer else None)
 
 
-def load_table(rules: str | Path | None, mesh: dict[str, int] | None) -> RulesTable:
+def load_table(rules: str | Path | None, mesh: dict[str, int] | None = None) -> RulesTable:
+    """Load a rules table by name or path (default: tp_mlp), with `mesh` overriding its sizes."""
     table = load_rules(rules or DEFAULT_RULES)
     return table.with_mesh(mesh) if mesh else table
 

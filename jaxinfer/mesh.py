@@ -19,6 +19,10 @@ FILL = -1
 # Devices simulated on a CPU-only host when the mesh leaves an axis at FILL.
 DEFAULT_CPU_DEVICES = 8
 
+# Larger meshes are not simulated: XLA takes minutes to create thousands of CPU devices, and
+# such meshes are meant for accelerator pods, where the flag has no effect.
+MAX_SIMULATED_DEVICES = 512
+
 
 class MeshError(ValueError):
     """A mesh that is malformed or does not fit the devices present."""
@@ -30,6 +34,8 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, value = item.partition("=")
         name = name.strip()
+        if name in shape:
+            raise MeshError(f"mesh axis {name} is given twice in {spec!r}; give each axis once")
         if not sep or name not in MESH_AXES:
             raise MeshError(
                 f"invalid mesh entry {item!r} in {spec!r}; expected NAME=SIZE with NAME one of "
@@ -96,8 +102,11 @@ def ensure_host_devices(count: int) -> None:
     """Ask XLA for `count` simulated CPU devices; call before JAX initialises its backends.
 
     The flag only affects the CPU backend, so it is harmless on GPU and TPU hosts. An existing
-    device-count flag in XLA_FLAGS wins.
+    device-count flag in XLA_FLAGS wins, and counts above MAX_SIMULATED_DEVICES are not
+    simulated (a CPU-only host then reports the mesh's mismatch with its devices).
     """
+    if count > MAX_SIMULATED_DEVICES:
+        return
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()

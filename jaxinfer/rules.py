@@ -35,7 +35,7 @@ LOGICAL_AXES = WEIGHT_AXES + ACTIVATION_AXES + CACHE_AXES
 PHASES = ("prefill", "decode")
 
 # Axes with fewer entries than devices are replicated instead of rejected: KV heads under a
-# tensor axis wider than the KV head count (each device then holds every KV head it needs).
+# tensor axis wider than the KV head count (each device then stores every KV head it needs).
 REPLICATE_WHEN_FEWER = ("kv_heads", "cache_heads")
 
 SECTION_OPTIONS = {
@@ -44,7 +44,21 @@ SECTION_OPTIONS = {
 }
 SECTIONS = ("mesh", "rules", *PHASES, *SECTION_OPTIONS)
 
-RULES_DIR = Path(__file__).resolve().parent.parent / "sharding_rules"
+def _shipped_rules_dir() -> Path:
+    """Return the folder of the shipped tables: package data when installed, else the repository's."""
+    import importlib
+
+    try:
+        # A namespace package (the folder has no __init__.py), so its __path__ lists the folder.
+        for folder in importlib.import_module("jaxinfer.sharding_rules").__path__:
+            if any(Path(folder).glob("*.toml")):
+                return Path(folder)
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "sharding_rules"
+
+
+RULES_DIR = _shipped_rules_dir()
 
 
 class RulesError(ValueError):
@@ -53,7 +67,7 @@ class RulesError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """The mesh axes one logical axis maps to, and the table entry that says so."""
+    """The mesh axes one logical axis maps to, and the table entry that maps it."""
 
     mesh_axes: tuple[str, ...]
     key: str  # e.g. "[rules] q_heads" or "[decode] sequence"
@@ -73,7 +87,12 @@ class RulesTable:
     def from_file(cls, path: str | Path) -> RulesTable:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RulesError(f"rules table {str(path)!r} is not a UTF-8 text file; "
+                             "a rules table is TOML") from None
+        except IsADirectoryError:
+            raise RulesError(f"rules table {str(path)!r} is a directory; pass a .toml file") from None
         except FileNotFoundError:
             available = ", ".join(sorted(p.name for p in RULES_DIR.glob("*.toml")))
             raise RulesError(
@@ -92,6 +111,10 @@ class RulesTable:
         if unknown:
             raise RulesError(f"{name}: unknown section [{unknown[0]}]; sections are "
                              + ", ".join(f"[{s}]" for s in SECTIONS))
+        for section, value in data.items():
+            if not isinstance(value, dict):
+                raise RulesError(f"{name}: {section} = {value!r} must be a section; write it as "
+                                 f"[{section}] followed by its entries")
         try:
             mesh = check_mesh_shape(data.get("mesh", {}), f"{name} [mesh]")
         except MeshError as error:
@@ -221,11 +244,15 @@ class Layout:
             return ()
         mesh_desc = " x ".join(f"{m}={self.mesh_shape[m]}" for m in rule.mesh_axes)
         working = ", ".join(str(d) for d in divisors(size) if d <= 64)
+        if self.phase is not None and rule.key.startswith("[rules]"):
+            fix = (f"add [{self.phase}] {axis} = [] to replicate it in the {self.phase} step only, "
+                   "or change the mesh size")
+        else:
+            fix = f"change the mesh size, or set {axis} = [] to replicate it"
         raise RulesError(
             f"{self.table.name}: {rule.key} = {list(rule.mesh_axes)} splits {what} axis {axis} "
             f"(size {size}) into {shards} shards ({mesh_desc}), which does not divide it; "
-            f"shard counts that divide {size}: {working}. Change the mesh size, or set "
-            f"{axis} = [] to replicate it"
+            f"shard counts that divide {size}: {working}. To fix it, {fix}"
         )
 
     def sharding(self, mesh, axes: Sequence[str], shape: Sequence[int], what: str):

@@ -29,8 +29,10 @@ class SamplingParams:
                 and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature!r} is invalid; use a number >= 0 "
                              "(0 for greedy decoding)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} is invalid; use an integer >= 0 (0 disables it)")
+        if (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                or not 0 <= self.top_k < 2**31):
+            raise ValueError(f"top_k={self.top_k!r} is invalid; use an integer >= 0 and below 2**31 "
+                             "(0 disables it)")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} is invalid; use a number in (0, 1] "
                              "(1 disables it)")

@@ -72,6 +72,11 @@ class Tokenizer(abc.ABC):
     def save(self, directory: Path) -> dict[str, Any]:
         """Write the tokenizer's files into `directory`; return the metadata `load` needs."""
 
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce, special tokens included."""
+
     def apply_chat_template(
         self,
         messages: list[dict],
@@ -344,6 +349,10 @@ class HFTokenizer(Tokenizer):
                 raise ValueError("add_bos=True but this tokenizer has no BOS token; pass add_bos=False")
             ids.insert(0, self.bos_id)
         return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(token_id) for token_id in ids], skip_special_tokens=True)
@@ -836,6 +845,10 @@ class ScoredBPETokenizer(Tokenizer):
 
     # ---- decoding ----
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids, skipping control and unknown tokens.
 
@@ -991,6 +1004,10 @@ class SentencePieceTokenizer(Tokenizer):
                 raise ValueError("add_bos=True but this tokenizer has no BOS token; pass add_bos=False")
             ids.insert(0, self.bos_id)
         return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids with sentencepiece after dropping control and unknown tokens.

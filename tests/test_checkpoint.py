@@ -164,3 +164,46 @@ def test_truncated_array_data(checkpoint, tmp_path):
         chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])
     message = restore_failure(copy)
     assert "corrupt or incomplete; convert the model again" in message
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    import jaxinfer.checkpoint as checkpoint_module
+
+    def fail(directory, model, dtype):
+        (directory / "params").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module, "_write_checkpoint", fail)
+    model = ConvertedModel(CONFIG, init_random_params(CONFIG), tokenizer=None, source="random")
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "model", model)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_key_follows_inputs(tmp_path):
+    from jaxinfer.checkpoint import converted_cache_dir
+
+    source = tmp_path / "hf"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (tmp_path / "tok.model").write_text("x")
+    plain = converted_cache_dir(source, tmp_path / "cache")
+    with_tokenizer = converted_cache_dir(source, tmp_path / "cache", tmp_path / "tok.model")
+    (source / "config.json").write_text('{"edited": true}')
+    edited = converted_cache_dir(source, tmp_path / "cache")
+    assert len({plain, with_tokenizer, edited}) == 3
+
+
+def test_interrupted_checkpoint_named(tmp_path):
+    from jaxinfer.load import resolve_checkpoint
+
+    (tmp_path / "ckpt" / "params").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="incomplete jaxinfer checkpoint .* interrupted conversion"):
+        resolve_checkpoint(tmp_path / "ckpt")
+
+
+def test_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file, not a jaxinfer checkpoint directory"):
+        read_checkpoint_info(path)

@@ -135,3 +135,20 @@ def test_default_model_answers(smollm2_gguf):
     assert "Paris" in result.stdout
     assert "mesh data=1,context=1,tensor=8,expert=1 (tp_mlp.toml)" in result.stdout
     assert "TTFT" in result.stdout
+
+
+def test_undecodable_prompt_bytes(stories_model):
+    model, cache = stories_model
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["JAXINFER_CACHE"] = str(cache)
+    command = [sys.executable.encode(), b"-m", b"jaxinfer.cli", b"generate", b"--model", str(model).encode(),
+               b"--rules", b"single", b"--max-new-tokens", b"4", b"\xff\xfeLily"]
+    result = subprocess.run(command, capture_output=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+
+
+def test_invalid_max_seq_len(stories_model):
+    model, cache = stories_model
+    result = jaxinfer("generate", "--model", str(model), "--rules", "single", "--max-seq-len", "0", "hi",
+                      cache=cache, check=False)
+    assert result.stderr == "error: --max-seq-len=0 is invalid; use an integer >= 1\n"

@@ -107,7 +107,7 @@ HF_CLASSES = {
 
 def make_hf_model(family: str, extra: dict, seed: int = 0):
     config_name, model_name = HF_CLASSES[family]
-    hf_config = getattr(transformers, config_name)(**SMALL_SHAPE, **extra)
+    hf_config = getattr(transformers, config_name)(**{**SMALL_SHAPE, **extra})
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(hf_config).eval()
 
@@ -846,9 +846,17 @@ def test_hf_directory_without_tokenizer(tmp_path: Path) -> None:
 
 def test_load_source_tokenizer_override(stories260k_dir: Path, tmp_path: Path) -> None:
     require_tokenizer_api("SentencePieceTokenizer", "HFTokenizer")
-    save_hf_model(tmp_path, "llama", {})
+    save_hf_model(tmp_path, "llama", {"vocab_size": 512})
     _write_word_level_tokenizer(tmp_path)
 
     converted = load_source(tmp_path, tokenizer_path=stories260k_dir / "tok512.model")
 
     assert isinstance(converted.tokenizer, jaxinfer.tokenizer.SentencePieceTokenizer)
+
+
+def test_tokenizer_of_another_model_rejected(stories260k_dir: Path, tmp_path: Path) -> None:
+    save_hf_model(tmp_path, "llama", {})  # a vocabulary of 256 ids
+
+    expected = "the tokenizer has 512 tokens but the model.s embedding has 256 rows"
+    with pytest.raises(CheckpointError, match=expected):
+        load_source(tmp_path, tokenizer_path=stories260k_dir / "tok512.model")

@@ -28,6 +28,7 @@ class CharTokenizer(Tokenizer):
     eos_ids = ()
     add_bos = False
     chat_template = None
+    vocab_size = 26
 
     def encode(self, text, add_bos=None):
         return [ord(c) - ord("a") for c in text]
@@ -203,3 +204,25 @@ def test_every_table_matches_one_device():
             continue
         got = {r.request.id: r.token_ids for r in make_engine(table=str(path)).generate(requests)}
         assert got == expected, path.name
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"slots": 0}, "slots=0 is invalid"),
+    ({"steps_per_call": 0}, "steps_per_call=0 is invalid"),
+    ({"dtype": "int8"}, "dtype='int8' is not supported"),
+    ({"cache_len": -1}, "cache_len=-1 is invalid"),
+])
+def test_invalid_engine_options(options, message):
+    settings = {"slots": 4, "steps_per_call": 4, "cache_len": 128, **options}
+    with pytest.raises(ValueError, match=message):
+        Engine(CONFIG, PARAMS, load_rules("tp"), **settings)
+
+
+@pytest.mark.parametrize("request_, message", [
+    (Request([1.5, 2.0], 4), "prompt_ids must be integers"),
+    (Request([1, 2], 4, stop="ab"), "stop='ab' is invalid; use a tuple of non-empty strings"),
+    (Request([1, 2], 4, stop=("",)), r"stop=\(''[,]\) is invalid"),
+])
+def test_invalid_requests(engine, request_, message):
+    with pytest.raises(RequestError, match=message):
+        engine.check_request(request_)

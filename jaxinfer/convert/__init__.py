@@ -99,7 +99,9 @@ def load_source(
     if kind == "llama2c":
         from jaxinfer.convert.llama2c import load_llama2c
 
-        return load_llama2c(resolved, tokenizer_path, with_tokenizer=with_tokenizer)
+        model = load_llama2c(resolved, tokenizer_path, with_tokenizer=with_tokenizer)
+        check_tokenizer_fits(model, tokenizer_path or resolved)
+        return model
 
     load_own_tokenizer = with_tokenizer and tokenizer_path is None
     if kind == "hf":
@@ -115,4 +117,21 @@ def load_source(
         from jaxinfer.tokenizer import tokenizer_from_path
 
         model.tokenizer = tokenizer_from_path(tokenizer_path)
+    check_tokenizer_fits(model, tokenizer_path or resolved)
     return model
+
+
+def check_tokenizer_fits(model: ConvertedModel, source: str | os.PathLike[str]) -> None:
+    """Raise CheckpointError when the tokenizer produces ids the model has no embedding for.
+
+    A tokenizer may have fewer tokens than embedding rows (vocabularies are often padded),
+    never more: its ids past the embedding would fail at run time, and a tokenizer of another
+    model produces garbage.
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
+            f"has {model.config.vocab_size} rows, so it belongs to another model; pass the "
+            "model's own tokenizer"
+        )
