@@ -211,12 +211,13 @@ class Engine:
         config, inv_freq, cache_len = self.config, self.inv_freq, self.cache_len
         constrain = self.plan.constrain_fn("decode")
         num_steps, return_logits = self.steps_per_call, self.return_logits
+        blocked = self.plan.shards(None, "cache_sequence") == 1
 
         def decode_steps(params, cache, tokens, positions, temperature, top_k, top_p, seed):
             def step(carry, _):
                 cache, tokens, positions = carry
                 logits, cache = transformer.decode(params, cache, tokens, positions, inv_freq,
-                                                   config, constrain)
+                                                   config, constrain, blocked)
                 next_positions = positions + 1
                 new_tokens = sample(logits, next_positions, temperature, top_k, top_p, seed)
                 # Finished slots run on until the host frees them; keep their writes in bounds.

@@ -338,6 +338,7 @@ def report(timings, machine, bandwidth, jax_runner, args, command: str) -> str:
         f"- Roofline: {roofline:.1f} tokens/s; jaxinfer: {measured:.1f} tokens/s, "
         f"{100 * measured / roofline:.0f}% of the roofline.",
         "",
+        *target_lines(timings, measured / roofline),
         "## Compilation (jaxinfer)",
         "",
         "| batch | compile s |",
@@ -345,6 +346,34 @@ def report(timings, machine, bandwidth, jax_runner, args, command: str) -> str:
     ]
     lines += [f"| {batch} | {seconds:.1f} |" for batch, seconds in sorted(jax_runner.compile_s.items())]
     return "\n".join(lines) + "\n"
+
+
+def target_lines(timings: dict[str, dict[str, list[float]]], roofline_fraction: float) -> list[str]:
+    """Check the measurements against the project's speed targets."""
+    jax_times = timings[JaxinferRunner.name]
+    rows = []
+
+    def row(goal: str, value: float | None, threshold: float, unit: str) -> None:
+        if value is None:
+            rows.append(f"| {goal} | not measured | |")
+            return
+        verdict = "met" if value >= threshold else f"missed by {100 * (1 - value / threshold):.0f}%"
+        rows.append(f"| {goal} | {value:.2f}{unit} | {verdict} |")
+
+    hf_times = timings.get(TransformersRunner.name, {})
+    speedup = (ratio(hf_times["ttit_1"], jax_times["ttit_1"])
+               if "ttit_1" in hf_times and "ttit_1" in jax_times else None)
+    row("batch-1 decode >= 2x transformers' tokens/s", speedup, 2.0, "x")
+    row("batch-1 decode >= 80% of the roofline", 100 * roofline_fraction, 80.0, "%")
+
+    llama_times = timings.get(LlamaCppRunner.name, {})
+    aggregate = None
+    if "ttit_1" in llama_times and "ttit_32" in jax_times:
+        # Tokens/s of 32 jaxinfer streams over llama.cpp's one stream, round by round.
+        aggregate = statistics.median(32 * single / batched for single, batched
+                                      in zip(llama_times["ttit_1"], jax_times["ttit_32"], strict=True))
+    row("batch-32 aggregate >= 2x llama.cpp single-stream tokens/s", aggregate, 2.0, "x")
+    return ["", "## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |", *rows, ""]
 
 
 def main() -> int:

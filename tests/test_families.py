@@ -19,6 +19,8 @@ from jaxinfer.rules import RULES_DIR, load_rules
 
 NEW_TOKENS = 17  # the prefill's token, then 16 decode steps
 PROMPT = [3, 141, 59, 26, 205, 35, 89, 79, 32, 38, 4]
+# Long enough that decode reads the KV cache in more than one block.
+LONG_PROMPT = [(7 * i + 3) % 509 for i in range(150)]
 
 # Weights drawn wider than HF's default 0.02, so greedy decoding of a random model does not
 # collapse onto one repeated token.
@@ -63,25 +65,38 @@ def family(request, tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp(f"{request.param}_orbax") / "ckpt"
     save_checkpoint(checkpoint, load_source(hf_dir))
 
-    with torch.no_grad():
-        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ids = out.sequences[0, len(PROMPT):].tolist()
-    logits = torch.stack(out.logits, dim=1)[0].numpy()
-    return request.param, checkpoint, ids, logits
+    references = {}
+    for name, prompt in (("short", PROMPT), ("long", LONG_PROMPT)):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ids = out.sequences[0, len(prompt):].tolist()
+        references[name] = (ids, torch.stack(out.logits, dim=1)[0].numpy())
+    return request.param, checkpoint, references
 
 
-@pytest.mark.parametrize("table", TABLES)
-def test_family_matches_transformers(family, table):
-    name, checkpoint, hf_ids, hf_logits = family
-    devices = jax.devices()[:1] if table == "single.toml" else jax.devices()
-    engine = build_engine(checkpoint, load_rules(table), devices=devices, slots=2, cache_len=64,
-                          steps_per_call=4, return_logits=True)
-    (result,) = list(engine.generate([Request(PROMPT, max_new_tokens=NEW_TOKENS)]))
-
+def check_against_reference(name, table, result, hf_ids, hf_logits):
     assert len(set(hf_ids)) > 3, "the reference output is degenerate; the test would prove little"
     assert result.token_ids == hf_ids
     assert result.logits.shape == hf_logits.shape
     for step in range(NEW_TOKENS):
         error = np.abs(result.logits[step] - hf_logits[step]).max() / np.abs(hf_logits[step]).max()
         assert error < 1e-4, f"{name} on {table}: step {step} relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_family_matches_transformers(family, table):
+    name, checkpoint, references = family
+    devices = jax.devices()[:1] if table == "single.toml" else jax.devices()
+    engine = build_engine(checkpoint, load_rules(table), devices=devices, slots=2, cache_len=64,
+                          steps_per_call=4, return_logits=True)
+    (result,) = list(engine.generate([Request(PROMPT, max_new_tokens=NEW_TOKENS)]))
+    check_against_reference(name, table, result, *references["short"])
+
+
+def test_family_long_prompt_matches_transformers(family):
+    name, checkpoint, references = family
+    engine = build_engine(checkpoint, load_rules("tp"), slots=2, cache_len=512, steps_per_call=4,
+                          return_logits=True)
+    (result,) = list(engine.generate([Request(LONG_PROMPT, max_new_tokens=NEW_TOKENS)]))
+    check_against_reference(name, "tp.toml", result, *references["long"])

@@ -1,6 +1,7 @@
 """Rules tables: parsing, validation against a model and a mesh, and the error messages."""
 
 import os
+
 import jax
 import pytest
 

@@ -56,6 +56,47 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(b, t, num_heads, head_dim)
 
 
+def attend_cache_blocks(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array,
+                        block: int) -> jax.Array:
+    """Attend one query per slot, q [b, 1, H, d], to cache positions 0..position, block by block.
+
+    The loop visits only the blocks up to the largest position in the batch, so a step reads
+    as much of the KV cache as the longest sequence needs rather than the whole cache. Blocks
+    merge by online softmax: running max, running sum and a rescaled accumulator, in float32.
+    """
+    b, _, num_heads, head_dim = q.shape
+    num_kv_heads = cache_k.shape[1]
+    groups = num_heads // num_kv_heads
+    grouped = q.reshape(b, num_kv_heads, groups, head_dim)
+    scale = head_dim**-0.5
+
+    def visit(index, carry):
+        running_max, running_sum, acc = carry
+        start = index * block
+        keys = jax.lax.dynamic_slice_in_dim(cache_k, start, block, axis=2)
+        values = jax.lax.dynamic_slice_in_dim(cache_v, start, block, axis=2)
+
+        scores = jnp.einsum("bkgd,bksd->bkgs", grouped, keys, preferred_element_type=jnp.float32) * scale
+        visible = (start + jnp.arange(block))[None, :] <= positions[:, None]  # [b, block]
+        scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
+
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        probs = jnp.exp(scores - new_max[..., None])
+        rescale = jnp.exp(running_max - new_max)
+        running_sum = running_sum * rescale + probs.sum(axis=-1)
+        update = jnp.einsum("bkgs,bksd->bkgd", probs.astype(values.dtype), values,
+                            preferred_element_type=jnp.float32)
+        return new_max, running_sum, acc * rescale[..., None] + update
+
+    init = (jnp.full((b, num_kv_heads, groups), MASK_VALUE, jnp.float32),
+            jnp.zeros((b, num_kv_heads, groups), jnp.float32),
+            jnp.zeros((b, num_kv_heads, groups, head_dim), jnp.float32))
+    num_blocks = jnp.max(positions) // block + 1
+    _, total, acc = jax.lax.fori_loop(0, num_blocks, visit, init)
+    out = (acc / total[..., None]).astype(q.dtype)
+    return out.reshape(b, 1, num_heads, head_dim)
+
+
 def project_output(layer: dict[str, Any], attn: jax.Array, config: ModelConfig) -> jax.Array:
     """Project attention output [b, t, q_heads, d] back to [b, t, embed]."""
     # One contraction over heads x head_dim, as a plain matmul: contracting the two axes

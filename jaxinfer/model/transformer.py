@@ -15,10 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.model.attention import Constrain, attend, project_output, project_qkv
+from jaxinfer.model.attention import Constrain, attend, attend_cache_blocks, project_output, project_qkv
 from jaxinfer.model.layers import rms_norm, rope_angles, swiglu
 
 CACHE_AXES = ("cache_batch", "cache_heads", "cache_sequence", "head_dim")
+
+# Cache positions decode attends per loop step when it reads the cache block by block.
+DECODE_BLOCK = 128
 
 
 def no_constraint(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -94,16 +97,21 @@ def decode(
     inv_freq: jax.Array,
     config: ModelConfig,
     constrain: Constrain,
+    blocked: bool = True,
 ) -> tuple[jax.Array, dict[str, list[jax.Array]]]:
     """Run one token per slot, tokens [B] at `positions` [B]; return logits [B, vocab] and the cache.
 
     Each slot writes its key and value at its position, then attends positions 0..position.
+    With `blocked`, attention reads the cache in DECODE_BLOCK blocks up to the longest
+    position; pass False when the cache's sequence axis is sharded, where slicing it would
+    make XLA gather it, to attend the whole cache with a mask instead.
     """
     batch = tokens.shape[0]
     cache_len = cache["k"][0].shape[2]
     cos, sin = rope_angles(inv_freq, positions[:, None])
     mask = (jnp.arange(cache_len)[None, :] <= positions[:, None])[:, None, :]
     slots = jnp.arange(batch)
+    blocked = blocked and cache_len > DECODE_BLOCK and cache_len % DECODE_BLOCK == 0
 
     x = embed_tokens(params, tokens[:, None], constrain)
     new_cache: dict[str, list[jax.Array]] = {"k": [], "v": []}
@@ -113,7 +121,10 @@ def decode(
             q, k, v = project_qkv(layer, h, cos, sin, config, constrain)
             cache_k = constrain(cache_k.at[slots, :, positions].set(k[:, 0]), CACHE_AXES)
             cache_v = constrain(cache_v.at[slots, :, positions].set(v[:, 0]), CACHE_AXES)
-            attn = attend(q, cache_k, cache_v, mask)
+            if blocked:
+                attn = attend_cache_blocks(q, cache_k, cache_v, positions, DECODE_BLOCK)
+            else:
+                attn = attend(q, cache_k, cache_v, mask)
             x = constrain(x + project_output(layer, attn, config), ("batch", "sequence", "embed"))
         x = mlp_block(layer, x, config, constrain)
         new_cache["k"].append(cache_k)
