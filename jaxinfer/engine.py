@@ -198,14 +198,7 @@ class Engine:
             first = sample(logits, lengths, temperature, top_k, top_p, seed)
             return cache, first, logits
 
-        replicated = self.plan.replicated()
-        return jax.jit(
-            prefill_step,
-            donate_argnums=(1,),
-            in_shardings=(self.plan.param_shardings(), self._cache_shardings(), replicated,
-                          replicated, replicated, replicated, replicated, replicated, replicated),
-            out_shardings=(self._cache_shardings(), replicated, replicated),
-        )
+        return self._jit_step(prefill_step, host_inputs=7)
 
     def _build_decode(self) -> Callable:
         config, inv_freq, cache_len = self.config, self.inv_freq, self.cache_len
@@ -229,12 +222,20 @@ class Engine:
                 step, (cache, tokens, positions), None, length=num_steps)
             return cache, out_tokens, out_logits
 
+        return self._jit_step(decode_steps, host_inputs=6)
+
+    def _jit_step(self, step: Callable, host_inputs: int) -> Callable:
+        """Jit step(params, cache, *host_inputs) -> (cache, tokens, logits) with explicit shardings.
+
+        Parameters and the KV cache keep the table's sharding, and the cache is donated so XLA
+        updates it in place. The small host inputs and outputs are replicated.
+        """
         replicated = self.plan.replicated()
         return jax.jit(
-            decode_steps,
+            step,
             donate_argnums=(1,),
-            in_shardings=(self.plan.param_shardings(), self._cache_shardings(), replicated,
-                          replicated, replicated, replicated, replicated, replicated),
+            in_shardings=(self.plan.param_shardings(), self._cache_shardings(),
+                          *[replicated] * host_inputs),
             out_shardings=(self._cache_shardings(), replicated, replicated),
         )
 

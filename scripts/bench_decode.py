@@ -11,6 +11,8 @@ read per step (float32 weights plus the KV cache jaxinfer attends) divided by th
 measured copy bandwidth.
 
     python scripts/bench_decode.py --output docs/benchmarks.md
+
+Rewriting a report keeps its hand-written "## Notes" section, which explains the figures.
 """
 
 from __future__ import annotations
@@ -142,6 +144,15 @@ class JaxinferRunner:
             self.compile_s[batch] = engine.warmup([*int_list(args.prompt_lengths), args.decode_prompt_len])
             self.engines[batch] = engine
         self.cache_len = cache_len
+
+    def attended_positions(self) -> int:
+        """Return the cache positions a decode step reads at the end of a decode run."""
+        from jaxinfer.model.transformer import DECODE_BLOCK
+
+        longest = self.args.decode_prompt_len + self.args.decode_tokens + 1
+        if self.cache_len <= DECODE_BLOCK:
+            return self.cache_len
+        return min(self.cache_len, -(-longest // DECODE_BLOCK) * DECODE_BLOCK)
 
     def ttft(self, prompt: list[int]) -> float:
         from jaxinfer.engine import Request
@@ -322,7 +333,8 @@ def report(timings, machine, bandwidth, jax_runner, args, command: str) -> str:
     lines.append("")
 
     weight_bytes = config.num_params() * 4
-    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * jax_runner.cache_len * 4
+    attended = jax_runner.attended_positions()
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * attended * 4
     step_bytes = weight_bytes + kv_bytes
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes
     measured = 1 / statistics.median(timings[jax_name]["ttit_1"])
@@ -333,8 +345,8 @@ def report(timings, machine, bandwidth, jax_runner, args, command: str) -> str:
         f"{bandwidth['single_thread_gb_s']:.1f}, and all threads, {bandwidth['all_threads_gb_s']:.1f}; "
         "read plus write bytes of a 512 MiB numpy copy).",
         f"- Bytes per decode step: {weight_bytes / 1e6:.0f} MB of float32 weights plus "
-        f"{kv_bytes / 1e6:.1f} MB of KV cache (all {jax_runner.cache_len} positions, as jaxinfer "
-        "reads them).",
+        f"{kv_bytes / 1e6:.1f} MB of KV cache ({attended} positions: the cache blocks up to the "
+        "longest sequence, as jaxinfer reads them).",
         f"- Roofline: {roofline:.1f} tokens/s; jaxinfer: {measured:.1f} tokens/s, "
         f"{100 * measured / roofline:.0f}% of the roofline.",
         "",
@@ -376,6 +388,19 @@ def target_lines(timings: dict[str, dict[str, list[float]]], roofline_fraction: 
     return ["", "## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |", *rows, ""]
 
 
+NOTES_HEADING = "## Notes"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write the report, keeping the hand-written notes section of an earlier report at `path`."""
+    notes = ""
+    if path.exists():
+        previous = path.read_text()
+        if NOTES_HEADING in previous:
+            notes = "\n" + previous[previous.index(NOTES_HEADING):]
+    path.write_text(text + notes)
+
+
 def main() -> int:
     args = parse_args()
     table = load_rules(args.rules)
@@ -404,7 +429,7 @@ def main() -> int:
     text = report(timings, machine, bandwidth, jax_runner, args, command.strip())
     print(text)
     if args.output:
-        Path(args.output).write_text(text)
+        write_report(Path(args.output), text)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "bandwidth": bandwidth,
                                                "timings": timings}, indent=2) + "\n")

@@ -28,6 +28,14 @@ def checkpoint(tmp_path_factory):
     return path, params
 
 
+def copy_checkpoint(checkpoint, tmp_path):
+    """Copy the module's checkpoint, for a test to break."""
+    path, _ = checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    return copy
+
+
 def restore_failure(path):
     """Restore a broken checkpoint, expecting CheckpointError; return its message."""
     with pytest.raises(CheckpointError) as error:
@@ -93,27 +101,21 @@ def test_save_rejects_wrong_shapes(tmp_path):
 
 
 def test_missing_metadata(checkpoint, tmp_path):
-    path, _ = checkpoint
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+    copy = copy_checkpoint(checkpoint, tmp_path)
     (copy / "jaxinfer.json").unlink()
     with pytest.raises(CheckpointError, match="is not a jaxinfer checkpoint .* interrupted"):
         read_checkpoint_info(copy)
 
 
 def test_corrupt_metadata(checkpoint, tmp_path):
-    path, _ = checkpoint
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+    copy = copy_checkpoint(checkpoint, tmp_path)
     (copy / "jaxinfer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="jaxinfer.json is corrupt"):
         read_checkpoint_info(copy)
 
 
 def test_metadata_with_wrong_version(checkpoint, tmp_path):
-    path, _ = checkpoint
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+    copy = copy_checkpoint(checkpoint, tmp_path)
     metadata = json.loads((copy / "jaxinfer.json").read_text())
     metadata["format_version"] = 99
     (copy / "jaxinfer.json").write_text(json.dumps(metadata))
@@ -122,9 +124,7 @@ def test_metadata_with_wrong_version(checkpoint, tmp_path):
 
 
 def test_missing_params(checkpoint, tmp_path):
-    path, _ = checkpoint
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+    copy = copy_checkpoint(checkpoint, tmp_path)
     shutil.rmtree(copy / "params")
     message = restore_failure(copy)
     assert "could not read the parameter metadata" in message
@@ -132,9 +132,7 @@ def test_missing_params(checkpoint, tmp_path):
 
 
 def test_truncated_params(checkpoint, tmp_path):
-    path, _ = checkpoint
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+    copy = copy_checkpoint(checkpoint, tmp_path)
     data_files = [p for p in (copy / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
     assert data_files, "expected Orbax data files under params/"
     for data_file in data_files:
@@ -143,9 +141,7 @@ def test_truncated_params(checkpoint, tmp_path):
 
 
 def test_params_of_another_model(checkpoint, tmp_path):
-    path, _ = checkpoint
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+    copy = copy_checkpoint(checkpoint, tmp_path)
     metadata = json.loads((copy / "jaxinfer.json").read_text())
     metadata["model"]["mlp_dim"] = 128
     (copy / "jaxinfer.json").write_text(json.dumps(metadata))
@@ -155,9 +151,7 @@ def test_params_of_another_model(checkpoint, tmp_path):
 
 
 def test_truncated_array_data(checkpoint, tmp_path):
-    path, _ = checkpoint
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+    copy = copy_checkpoint(checkpoint, tmp_path)
     chunks = list((copy / "params" / "ocdbt.process_0" / "d").iterdir())
     assert chunks, "expected Orbax array data under params/ocdbt.process_0/d"
     for chunk in chunks:
