@@ -22,7 +22,7 @@ from jaxinfer.engine import Engine, Request
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-    """What to measure, and how often."""
+    """Benchmark settings: what to measure, and how often."""
 
     prompt_lengths: tuple[int, ...] = (16, 128, 512)
     batch_sizes: tuple[int, ...] = (1, 8, 32)

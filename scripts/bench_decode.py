@@ -1,7 +1,7 @@
 """Benchmark jaxinfer against HF transformers and llama.cpp on SmolLM2-135M-Instruct, in one run.
 
 All three read the same GGUF file (the default model). jaxinfer and transformers dequantize
-it to the same float32 weights; llama.cpp (through llama-cpp-python, the optional `bench`
+it to the same float32 weights. llama.cpp (through llama-cpp-python, the optional `bench`
 extra) runs the Q4_1 file as it is, so its figures are not for the same arithmetic.
 
 Measurements alternate between engines round by round, so a slow spell of a shared machine

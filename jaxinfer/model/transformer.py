@@ -103,8 +103,8 @@ def decode(
 
     Each slot writes its key and value at its position, then attends positions 0..position.
     With `blocked`, attention reads the cache in DECODE_BLOCK blocks up to the longest
-    position; pass False when the cache's sequence axis is sharded, where slicing it would
-    make XLA gather it, to attend the whole cache with a mask instead.
+    position. Pass False when the cache's sequence axis is sharded, because slicing it would
+    make XLA gather it; attention then reads the whole cache with a mask.
     """
     batch = tokens.shape[0]
     cache_len = cache["k"][0].shape[2]
