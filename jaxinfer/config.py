@@ -178,7 +178,7 @@ class ModelConfig:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], has_output_tensor: bool) -> ModelConfig:
         """Build from GGUF key-value metadata (already decoded into Python values).
 
-        `has_output_tensor` says whether the file stores `output.weight`; without it the
+        `has_output_tensor` is whether the file stores `output.weight`. Without it, the
         output projection is tied to the token embedding.
         """
         arch = meta.get("general.architecture")

@@ -288,7 +288,9 @@ class Engine:
         sampling = SlotSampling.empty(self.slots)
         exhausted = False
 
-        while True:
+        def refill() -> None:
+            """Pull requests from the source until there is one waiting per free slot."""
+            nonlocal exhausted
             while not exhausted and len(pending) < len(free):
                 request = next(source, None)
                 if request is None:
@@ -296,19 +298,15 @@ class Engine:
                 else:
                     pending.append((request, time.perf_counter()))
 
+        while True:
+            refill()
             while free and pending:
                 batch = self._take_prefill_batch(pending, len(free))
                 slots = [free.pop() for _ in batch]
                 for state in self._run_prefill(batch, slots, tokens, positions, sampling):
                     active[state.slot] = state
                 yield from self._release_finished(active, free, positions)
-                # Refill slots freed by requests that ended on their first token.
-                while not exhausted and len(pending) < len(free):
-                    request = next(source, None)
-                    if request is None:
-                        exhausted = True
-                    else:
-                        pending.append((request, time.perf_counter()))
+                refill()  # slots freed by requests that ended on their first token
 
             if not active:
                 if exhausted and not pending:

@@ -77,6 +77,14 @@ class Tokenizer(abc.ABC):
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer can produce, special tokens included."""
 
+    def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
+        """Prepend BOS to `ids` when `add_bos` is set; raise ValueError if there is no BOS."""
+        if not add_bos:
+            return ids
+        if self.bos_id is None:
+            raise ValueError("add_bos=True but this tokenizer has no BOS token; pass add_bos=False")
+        return [self.bos_id, *ids]
+
     def apply_chat_template(
         self,
         messages: list[dict],
@@ -343,12 +351,7 @@ class HFTokenizer(Tokenizer):
         """
         if add_bos is None:
             return list(self.tokenizer.encode(text, add_special_tokens=True).ids)
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
-        if add_bos:
-            if self.bos_id is None:
-                raise ValueError("add_bos=True but this tokenizer has no BOS token; pass add_bos=False")
-            ids.insert(0, self.bos_id)
-        return ids
+        return self._with_bos(list(self.tokenizer.encode(text, add_special_tokens=False).ids), add_bos)
 
     @property
     def vocab_size(self) -> int:
@@ -998,12 +1001,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         add_bos = self.add_bos if add_bos is None else add_bos
-        ids = list(self.processor.encode(text))
-        if add_bos:
-            if self.bos_id is None:
-                raise ValueError("add_bos=True but this tokenizer has no BOS token; pass add_bos=False")
-            ids.insert(0, self.bos_id)
-        return ids
+        return self._with_bos(list(self.processor.encode(text)), add_bos)
 
     @property
     def vocab_size(self) -> int:

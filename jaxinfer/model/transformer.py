@@ -104,7 +104,7 @@ def decode(
     Each slot writes its key and value at its position, then attends positions 0..position.
     With `blocked`, attention reads the cache in DECODE_BLOCK blocks up to the longest
     position. Pass False when the cache's sequence axis is sharded, because slicing it would
-    make XLA gather it; attention then reads the whole cache with a mask.
+    make XLA gather it. Attention then reads the whole cache with a mask.
     """
     batch = tokens.shape[0]
     cache_len = cache["k"][0].shape[2]
