@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,11 +77,6 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
-    @property
-    def num_groups(self) -> int:
-        """Query heads per KV head."""
-        return self.num_heads // self.num_kv_heads
-
     def num_params(self) -> int:
         """Count the parameters of the model, embeddings included."""
         attention = self.embed_dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -113,9 +107,6 @@ class ModelConfig:
             values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
         values["eos_token_ids"] = tuple(values.get("eos_token_ids", ()))
         return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     # Constructors from the three checkpoint formats.
 

@@ -101,9 +101,6 @@ class ShardingPlan:
 
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def input_sharding(self, phase: str, axes: tuple[str, ...], shape: tuple[int, ...]):
-        return self.phases[phase].sharding(self.mesh, axes, shape, f"input {list(axes)}")
-
     # Activations.
 
     def constrain_fn(self, phase: str):

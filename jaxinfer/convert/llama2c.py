@@ -2,9 +2,9 @@
 
 Version 0 opens with 7 int32: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size and
 seq_len. A positive vocab_size means the classifier shares the token embedding. Then come
-float32 arrays: the token embedding, per-layer stacks of attention norm, wq, wk, wv, wo, MLP
-norm, w1, w2 and w3, the final norm, two precomputed RoPE tables of [seq_len, head_dim / 2]
-and the classifier if it is not shared.
+float32 arrays: the token embedding, and per-layer stacks of attention norm, wq, wk, wv, wo,
+MLP norm, w1, w2 and w3. The final norm and two precomputed RoPE tables of
+[seq_len, head_dim / 2] follow, then the classifier if it is not shared.
 
 Version 1 (llama2.c's `export.py --version 1`) opens with a 256-byte header: uint32 magic
 0x616b3432 ("ak42"), int32 version, the same 7 int32 (vocab_size always positive), a uint8
